@@ -1,0 +1,30 @@
+"""Shared fixtures: a real redis-server per test, on a free port."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tests.support.redisserver import RedisServer
+from tests.support.tools import require_tool
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(require_tool("redis-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis_server.client()
+    try:
+        yield client
+    finally:
+        client.close()

@@ -1,0 +1,1 @@
+"""Real parts for the tests: redis-server, PulseAudio, espeak-ng speech, tool checks."""
