@@ -118,7 +118,8 @@ def decode_entry(fields: dict[bytes, bytes]) -> AudioFrame | EndOfStream:
     if pcm is None:
         raise MalformedEntry("missing_field", "no pcm")
     if rate != SAMPLE_RATE_HZ or channels != CHANNELS or fmt != SAMPLE_FORMAT:
-        raise MalformedEntry("bad_format", f"{rate} Hz, {channels} ch, {fmt}: expected 16000/1/s16le")
+        raise MalformedEntry("bad_format",
+                             f"{rate} Hz, {channels} ch, {fmt}: expected 16000/1/s16le")
     if not pcm or len(pcm) % (SAMPLE_WIDTH_BYTES * channels):
         raise MalformedEntry("bad_pcm", f"{len(pcm)} bytes is not whole samples")
     if len(pcm) > MAX_FRAME_BYTES:
@@ -173,4 +174,5 @@ def _int(fields: dict[bytes, bytes], name: bytes) -> int:
     try:
         return int(text)
     except ValueError:
-        raise MalformedEntry("bad_field", f"{name.decode()}={text[:20]!r} is not an integer") from None
+        detail = f"{name.decode()}={text[:20]!r} is not an integer"
+        raise MalformedEntry("bad_field", detail) from None

@@ -61,4 +61,5 @@ class OncePerKind:
         if kind in self._seen:
             return
         self._seen.add(kind)
-        self._logger.warning(msg + " (further %s problems are counted, not logged)", *args, kind)
+        self._logger.warning("%s (further %s problems are counted, not logged)",
+                             msg % args if args else msg, kind)

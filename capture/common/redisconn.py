@@ -6,6 +6,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from capture.common.errors import ConfigError
 
@@ -13,7 +15,7 @@ _SCHEMES = ("redis", "rediss", "unix")
 
 
 def validate_redis_url(url: str, setting: str = "REDIS_URL") -> str:
-    """Return URL unchanged if redis-py can use it, else raise a ConfigError without the password."""
+    """URL unchanged if redis-py can use it, else a ConfigError that omits the password."""
     try:
         parts = urlsplit(url)
         port = parts.port  # raises ValueError on a non-numeric port
@@ -42,20 +44,24 @@ def redact_url(url: str) -> str:
     if parts.password is None:
         return url
     user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # as written: ``parts.port`` raises on a bad port
     netloc = f"{user}:***@{host}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def connect(url: str, *, socket_timeout: float = 5.0, **kwargs: Any) -> redis.Redis:
-    """A client for URL. Connections are lazy: nothing is contacted until the first command."""
+    """A client for URL. Connections are lazy: nothing is contacted until the first command.
+
+    One immediate retry only (a stale pooled connection after a Redis restart): our supervised
+    loops own the backoff, and redis-py's default of three backed-off retries would stall a
+    caller for seconds while Redis is down.
+    """
     return redis.Redis.from_url(
         url,
         socket_timeout=socket_timeout,
-        socket_connect_timeout=min(socket_timeout, 5.0),
+        socket_connect_timeout=min(socket_timeout, 2.0),
         health_check_interval=30,
+        retry=Retry(NoBackoff(), 1),
         **kwargs,
     )
 

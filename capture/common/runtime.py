@@ -81,7 +81,7 @@ class MetricsServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 return  # scrapes every few seconds would drown the log
 
         self._server = ThreadingHTTPServer((self._host, self._port), Handler)

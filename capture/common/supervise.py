@@ -55,14 +55,16 @@ def supervise(
         except retry_on as exc:
             delay = backoff.next_delay()
             log.warning("%s: %s; retrying in %.1f s", name, _describe(exc), delay)
+            error: BaseException = exc  # ``exc`` itself is unbound after the except clause
         except Exception as exc:
             delay = backoff.next_delay()
             log.exception("%s: unexpected error; retrying in %.1f s", name, delay)
+            error = exc
         else:
             backoff.reset()
             continue
         if on_error is not None:
-            on_error(exc)
+            on_error(error)
         stop.wait(delay)
 
 
