@@ -21,7 +21,8 @@ def free_port() -> int:
 class RedisServer:
     """``redis-server`` started as a plain child (not daemonized: PID 1 here reaps no orphans)."""
 
-    def __init__(self, binary: str, port: int | None = None, extra_args: Sequence[str] = ()) -> None:
+    def __init__(self, binary: str, port: int | None = None,
+                 extra_args: Sequence[str] = ()) -> None:
         self.binary = binary
         self.port = port or free_port()
         self.extra_args = list(extra_args)
@@ -50,10 +51,12 @@ class RedisServer:
             try:
                 client.ping()
                 break
-            except (redis.ConnectionError, redis.ResponseError):
-                # ResponseError: a password-protected server answers NOAUTH, which means it is up.
+            except (redis.AuthenticationError, redis.ResponseError):
+                break  # a password-protected server refusing us (NOAUTH) is up
+            except redis.ConnectionError:
                 if time.monotonic() > deadline or self._proc.poll() is not None:
                     msg = f"redis-server did not start on {self.port}: {log.read_text()[-500:]}"
+                    self.stop()
                     raise RuntimeError(msg) from None
                 time.sleep(0.02)
             finally:
