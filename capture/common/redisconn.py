@@ -32,6 +32,12 @@ def validate_redis_url(url: str, setting: str = "REDIS_URL") -> str:
     db = parts.path.lstrip("/")
     if parts.scheme != "unix" and db and not db.isdigit():
         raise ConfigError(setting, f"{redact_url(url)!r}: database must be a number, got {db!r}")
+    try:
+        # Builds a connection object without I/O: catches unknown or mistyped query options
+        # (e.g. ssl_ca_certs on a redis:// URL) now, not as a retry loop later.
+        redis.ConnectionPool.from_url(url).make_connection()
+    except (TypeError, ValueError, redis.RedisError) as exc:
+        raise ConfigError(setting, f"{redact_url(url)!r}: {exc}") from None
     return url
 
 
