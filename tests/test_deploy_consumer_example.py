@@ -1,4 +1,4 @@
-"""The consumer example of deploy/README-deploy.md runs as written, against a real redis-server.
+"""The consumer example of README.md runs as written, against a real redis-server.
 
 Turns are written with the transcriber's own record format, so the example and the producer
 cannot drift apart unnoticed.
@@ -22,7 +22,7 @@ import redis
 from tests.support.redisserver import RedisServer
 from transcriber.records import TurnRecord, WordRecord
 
-README = Path(__file__).resolve().parents[1] / "deploy" / "README-deploy.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
 STREAM = "edgescribe:turns"
 GROUP = "my-service"  # as in the example
 
@@ -86,7 +86,7 @@ def wait_until_acknowledged(client: redis.Redis, last_id: bytes) -> None:
 @pytest.fixture
 def script(tmp_path: Path) -> Path:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
-    assert blocks, "no python example in README-deploy.md"
+    assert blocks, "no python example in README.md"
     path = tmp_path / "consumer.py"
     path.write_text(blocks[0])
     return path
