@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.support.procs import stop_process
+
 _CONFIG = """\
 load-module module-native-protocol-unix
 load-module module-null-sink sink_name=vsink rate=16000 channels=1 format=s16le
@@ -70,14 +72,8 @@ class PulseServer:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
-            self._proc = None
+        stop_process(self._proc)
+        self._proc = None
 
     def close(self) -> None:
         self.stop()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import redis
 
+from tests.support.procs import stop_process
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -63,14 +65,7 @@ class RedisServer:
                 client.close()
 
     def stop(self) -> None:
-        if self._proc is None:
-            return
-        self._proc.terminate()
-        try:
-            self._proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(5)
+        stop_process(self._proc)
         self._proc = None
 
     def kill(self) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from capture.common.redisconn import redact_url
+from tests.support.procs import stop_process
 
 # Console scripts and interpreters of the images, as this venv runs them.
 HOST_COMMANDS = {
@@ -311,14 +312,7 @@ class Prometheus:
         return float(result[0]["value"][1]) if result else None
 
     def stop(self) -> None:
-        if self._proc is None:
-            return
-        self._proc.terminate()
-        try:
-            self._proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(5)
+        stop_process(self._proc, 10)
         self._proc = None
 
     def log_tail(self, lines: int = 20) -> str:
