@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import random
 import signal
@@ -110,7 +111,7 @@ def send_audio(ws: websocket.WebSocket, samples: np.ndarray) -> None:
 
 
 def expect_error(ws: websocket.WebSocket, code: int, message_start: str) -> str:
-    messages, close_code, reason = read_until_close(ws)
+    messages, close_code, _ = read_until_close(ws)
     errors = [m for m in messages if m.get("type") == "Error"]
     assert len(errors) == 1 and errors[0]["error_code"] == code, messages
     assert errors[0]["error"].startswith(message_start), errors[0]
@@ -132,7 +133,7 @@ def test_espeak_digit_phrases_are_recognised_exactly() -> None:
         words = recogniser.recognise(compose(0.2, digits_phrase(digits), 0.3))
         assert [w.text for w in words] == [DIGIT_WORDS[d] for d in digits]
         assert all(w.confidence > 0.9 for w in words)
-        assert all(a.end_ms <= b.start_ms for a, b in zip(words, words[1:], strict=False))
+        assert all(a.end_ms <= b.start_ms for a, b in itertools.pairwise(words))
 
 
 def _damaged(samples: np.ndarray, how: str) -> np.ndarray:
@@ -168,7 +169,7 @@ def test_lenient_mode_keeps_the_best_guess(make_double: MakeDouble) -> None:
     send_audio(ws, np.concatenate([_damaged(speech, "lost"), np.zeros(12000, "<i2")]))
     ws.send(json.dumps({"type": "Terminate"}))
     messages, _, _ = read_until_close(ws)
-    final = [m for m in messages if m["type"] == "Turn" and m["end_of_turn"]][0]
+    final = next(m for m in messages if m["type"] == "Turn" and m["end_of_turn"])
     assert final["transcript"] == "Four seven two one nine three."
     assert all(w["confidence"] < 0.9 for w in final["words"])
 
@@ -261,23 +262,24 @@ def test_update_configuration_and_keepalive_get_no_reply(make_double: MakeDouble
 # -- validation and errors -------------------------------------------------------------------
 
 
+INVALID = "User Input Validation Error: Invalid "
+
+
 @pytest.mark.parametrize(("query", "start"), [
-    ("sample_rate=16000", "User Input Validation Error: Invalid 'speech_model'"),
-    ("speech_model=best", "User Input Validation Error: Invalid 'speech_model'"),
-    ("speech_model=u3-rt-pro&keyterms_prompt=%5B%27a%27%2C+%27b%27%5D",
-     "User Input Validation Error: Invalid 'keyterms_prompt': Value error, Invalid JSON array"),
-    ("speech_model=u3-rt-pro&keyterms_prompt=a&keyterms_prompt=b",
-     "User Input Validation Error: Invalid 'keyterms_prompt'"),
-    ("speech_model=u3-rt-pro&format_turns=yes", "User Input Validation Error: Invalid 'format_turns'"),
-    ("speech_model=u3-rt-pro&sample_rate=16k", "User Input Validation Error: Invalid 'sample_rate'"),
-    ("speech_model=u3-rt-pro&encoding=mp3", "User Input Validation Error: Invalid 'encoding'"),
-    ("speech_model=u3-rt-pro&min_turn_silence=soon",
-     "User Input Validation Error: Invalid 'min_turn_silence'"),
+    ("sample_rate=16000", "'speech_model'"),
+    ("speech_model=best", "'speech_model'"),
+    ("speech_model=u3-rt-pro&keyterms_prompt=%5B%27a%27%2C+%27b%27%5D",   # ['a', 'b']
+     "'keyterms_prompt': Value error, Invalid JSON array"),
+    ("speech_model=u3-rt-pro&keyterms_prompt=a&keyterms_prompt=b", "'keyterms_prompt'"),
+    ("speech_model=u3-rt-pro&format_turns=yes", "'format_turns'"),
+    ("speech_model=u3-rt-pro&sample_rate=16k", "'sample_rate'"),
+    ("speech_model=u3-rt-pro&encoding=mp3", "'encoding'"),
+    ("speech_model=u3-rt-pro&min_turn_silence=soon", "'min_turn_silence'"),
 ])
 def test_bad_query_parameters_are_error_3006(make_double: MakeDouble, query: str,
                                              start: str) -> None:
     double = make_double()
-    expect_error(connect(double, query), 3006, start)
+    expect_error(connect(double, query), 3006, INVALID + start)
     assert double.sessions() == []
 
 
@@ -325,7 +327,7 @@ def test_bad_client_messages_are_error_3006(make_double: MakeDouble, message: st
     ws = connect(double)
     ws.send(message)
     expect_error(ws, 3006, start)
-    assert double.wait_for_session(0, closed=True).received[-1] in ("invalid", "UpdateConfiguration")
+    assert double.wait_for_session(0, closed=True).received[-1] == "invalid"
 
 
 @pytest.mark.parametrize(("rate", "size", "ms"), [
@@ -423,7 +425,7 @@ def test_slow_begin(make_double: MakeDouble) -> None:
 
 
 def test_many_concurrent_sessions_each_get_their_own_digits(make_double: MakeDouble) -> None:
-    double = make_double(decode_workers=2)
+    double = make_double(decode_workers=2, keep_audio=False)
     rng = random.Random(7)
     phrases = [[rng.randrange(10) for _ in range(rng.randint(2, 5))] for _ in range(40)]
     audio = {i: compose(0.2, digits_phrase(p), 0.6) for i, p in enumerate(phrases)}
@@ -444,7 +446,9 @@ def test_many_concurrent_sessions_each_get_their_own_digits(make_double: MakeDou
     for i, digits in enumerate(phrases):
         words = [DIGIT_WORDS[d] for d in digits]
         assert results[i] == [(" ".join(words).capitalize() + ".")]
-    assert len(double.sessions()) == len(phrases)
+    records = double.sessions()
+    assert len(records) == len(phrases)
+    assert all(r.audio == b"" and r.audio_messages > 20 for r in records)
 
 
 def test_runs_alone_from_the_command_line() -> None:

@@ -329,11 +329,10 @@ class DeviceWorker:
         assert session is not None
         if isinstance(event, Turn):
             if event.transcript.strip() or event.words:
-                self._last_activity = self._last_transcript = self._clock()
+                self._transcript_heard(session, event)
             if not event.end_of_turn and self._settings.publish_partials:
                 self._io.publish_turn(self.device, session, event, final=False, confirms=[])
-            final = session.finals.feed(event)
-            if final is not None:
+            for final in session.finals.feed_all(event):
                 self._publish_final(final)
         elif isinstance(event, SpeechStarted):
             self._last_activity = self._clock()
@@ -342,6 +341,19 @@ class DeviceWorker:
         elif isinstance(event, ServerError):
             session.close_code = event.code
             log.warning("device %s: server error %s: %s", self.device, event.code, event.message)
+
+    def _transcript_heard(self, session: OpenSession, turn: Turn) -> None:
+        """Words are speech at the time they were spoken, not when their transcript arrived:
+        the service's latency must not extend (and bill) the session (reference §6, point 3).
+        """
+        now = self._clock()
+        heard_at = now
+        if turn.words:
+            end_us = session.timeline.capture_ts(turn.words[-1].end_ms)
+            if end_us is not None:
+                heard_at = now - min(max(0.0, self._io.age_s(end_us)), now - session.opened_at)
+        self._last_transcript = max(self._last_transcript, heard_at)
+        self._last_activity = max(self._last_activity, heard_at)
 
     def _publish_final(self, turn: Turn) -> None:
         session = self._session

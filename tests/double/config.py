@@ -64,8 +64,10 @@ class DoubleConfig:
     enforce_pacing: bool = True
     max_session_s: float = 10800.0
     """``expires_at`` = Begin + this; at that time Error 3008 + close 3008."""
-    expiry_sends_termination: bool = False
-    """At expiry send Termination and close 1000 instead (the message page's reading)."""
+    expiry: str = "error"
+    """What expiry sends (the docs disagree): ``"error"`` Error 3008 + close 3008 (errors
+    page); ``"termination"`` Termination + close 1000 (message page); ``"both"`` Termination,
+    then Error 3008 + close 3008."""
 
     # Faults
     begin_delay_s: float = 0.0
@@ -83,6 +85,9 @@ class DoubleConfig:
     """Drop the TCP connection (no close frame) this long after Begin."""
 
     # Resources
+    keep_audio: bool = True
+    """Record every audio byte per session (``SessionRecord.audio``); turn off for long
+    benchmarks with many sessions (32 kB per second per session)."""
     decode_workers: int = 2
     voice: str = "en-us"
     words_per_minute: int = 150
@@ -95,5 +100,7 @@ class DoubleConfig:
             raise ValueError("api_keys must hold at least one key")
         if not 0 < self.partial_silence_ms <= self.end_of_turn_silence_ms:
             raise ValueError("need 0 < partial_silence_ms <= end_of_turn_silence_ms")
+        if self.expiry not in ("error", "termination", "both"):
+            raise ValueError(f"expiry must be error, termination or both, not {self.expiry!r}")
         if self.decode_workers < 1:
             raise ValueError("decode_workers must be at least 1")

@@ -56,7 +56,7 @@ class DoubleServer:
         self.config = config or DoubleConfig()
         self._host = host
         self._requested_port = port
-        self.recogniser = recogniser
+        self._recogniser = recogniser
         self._cond = threading.Condition()
         self._records: list[LiveRecord] = []
         self._sessions: dict[str, DoubleSession] = {}
@@ -83,9 +83,15 @@ class DoubleServer:
     def url(self) -> str:
         return f"ws://{self._host}:{self.port}{PATH}"
 
+    @property
+    def recogniser(self) -> DigitRecogniser:
+        if self._recogniser is None:
+            raise RuntimeError("the double is not started")
+        return self._recogniser
+
     def start(self) -> DoubleServer:
-        if self.recogniser is None:
-            self.recogniser = shared_recogniser(self.config.voice, self.config.words_per_minute)
+        if self._recogniser is None:
+            self._recogniser = shared_recogniser(self.config.voice, self.config.words_per_minute)
         ready = threading.Event()
         failure: list[BaseException] = []
 

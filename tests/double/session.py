@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -26,16 +26,18 @@ from tests.double.recognizer import DigitRecogniser, RecognisedWord
 from tests.double.records import LiveRecord
 from tests.double.turns import Final, Onset, Partial, Plan, TrackerSettings, TurnTracker
 
-log = logging.getLogger(__name__)
 RECOGNISER_RATE = 16000
 
 
 class Core(Protocol):
     """What a session needs from the server (records under a lock, shared resources)."""
 
-    config: DoubleConfig
-    executor: Executor
-    recogniser: DigitRecogniser
+    @property
+    def config(self) -> DoubleConfig: ...
+    @property
+    def executor(self) -> Executor: ...
+    @property
+    def recogniser(self) -> DigitRecogniser: ...
 
     def update(self, record: LiveRecord, change: Callable[[LiveRecord], None]) -> None: ...
     def ignore_terminate(self) -> bool: ...
@@ -70,7 +72,8 @@ class DoubleSession:
         ))
         self.format_turns = params.format_turns
         self.samples = 0
-        self.audio = bytearray()      # this session's audio as int16, for decoding
+        self.audio = bytearray()      # int16 audio from sample ``audio_base`` on, for decoding
+        self.audio_base = 0
         self.begin_at = 0.0
         self.last_activity = 0.0
         self.queue: asyncio.Queue[Callable[[], Awaitable[None]]] = asyncio.Queue()
@@ -151,8 +154,11 @@ class DoubleSession:
             raise ProtocolViolation(
                 3007, f"Input duration violation: {ms:g} ms. Expected between 50 and 1000 ms")
 
+        keep = self.core.config.keep_audio
+
         def change(r: LiveRecord) -> None:
-            r.audio.extend(data)
+            if keep:
+                r.audio.extend(data)
             r.audio_messages += 1
             r.received.append("audio")
         self.core.update(self.record, change)
@@ -168,6 +174,10 @@ class DoubleSession:
                                               f"{received:.1f} sec. audio in {elapsed:.1f} sec")
         self.audio.extend(samples.tobytes())
         self._plan(self.tracker.feed(samples))
+        unneeded = self.tracker.keep_from() - self.audio_base
+        if unneeded >= params.sample_rate:        # trim in steps of a second or more
+            del self.audio[:unneeded * 2]
+            self.audio_base += unneeded
 
     async def _on_text(self, text: str) -> None:
         try:
@@ -206,9 +216,11 @@ class DoubleSession:
             if isinstance(plan, Onset):
                 if not self.universal and self.core.config.speech_started:
                     message = protocol.speech_started(self._ms(plan.sample))
-                    self.queue.put_nowait(lambda m=message: self.send(m))
+                    self.queue.put_nowait(functools.partial(self.send, message))
             else:
-                audio = np.frombuffer(bytes(self.audio[plan.start * 2:plan.end * 2]), "<i2")
+                base = self.audio_base
+                audio = np.frombuffer(
+                    bytes(self.audio[(plan.start - base) * 2:(plan.end - base) * 2]), "<i2")
                 # Partials are cut mid-word and forced ends cut phrases: only a turn ended by
                 # silence must hold exactly the audio that was spoken.
                 strict = (isinstance(plan, Final) and plan.reason == "silence"
@@ -216,7 +228,7 @@ class DoubleSession:
                 future = asyncio.get_running_loop().run_in_executor(
                     self.core.executor, self._recognise, audio, plan.start,
                     isinstance(plan, Final), strict)
-                self.queue.put_nowait(lambda p=plan, f=future: self._emit_turn(p, f))
+                self.queue.put_nowait(functools.partial(self._emit_turn, plan, future))
 
     def _recognise(self, audio: np.ndarray, start: int, final: bool,
                    strict: bool) -> list[RecognisedWord]:
@@ -302,9 +314,12 @@ class DoubleSession:
         if self.finished:
             return
         self.finished = True
-        audio_s = self.samples / self.params.sample_rate
-        await self.send(protocol.termination(audio_s, time.monotonic() - self.begin_at))
+        await self.send(self._termination())
         await self.close(1000, "")
+
+    def _termination(self) -> dict[str, Any]:
+        return protocol.termination(self.samples / self.params.sample_rate,
+                                    time.monotonic() - self.begin_at)
 
     async def fail(self, code: int, message: str) -> None:
         """Error{code, message} then close ``code``: pending turns are not sent."""
@@ -318,10 +333,13 @@ class DoubleSession:
         await self.fail(3005, "Session Cancelled: An error occurred")
 
     async def expire(self) -> None:
-        if self.core.config.expiry_sends_termination:
+        style = self.core.config.expiry
+        if style == "termination":
             await self._end_with_termination()
-        else:
-            await self.fail(3008, "Session Expired: Maximum session duration exceeded")
+            return
+        if style == "both" and not self.finished:
+            await self.send(self._termination())
+        await self.fail(3008, "Session Expired: Maximum session duration exceeded")
 
     async def close(self, code: int, reason: str) -> None:
         """Send the close frame; the closing handshake finishes in the background, so a fault

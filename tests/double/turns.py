@@ -89,6 +89,13 @@ class TurnTracker:
                 self._silence(plans)
         return plans
 
+    def keep_from(self) -> int:
+        """The earliest sample a future plan can need; older audio may be dropped."""
+        if self._in_turn:
+            return self._start()
+        padding = self.settings.padding_ms * self.settings.rate // 1000
+        return max(self._floor, self._frames_seen * self._frame - padding)
+
     def force(self, reason: str) -> list[Plan]:
         """ForceEndpoint or Terminate: end the open turn now."""
         if not self._in_turn:

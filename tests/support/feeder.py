@@ -38,6 +38,8 @@ class AudioFeeder:
         if pad:
             samples = np.concatenate([samples, np.zeros(pad, dtype="<i2")])
         began = time.monotonic()
+        if self.seq == 0:  # like capture: ts is anchored to the first sample's time
+            self.t0_us = int(time.time() * 1_000_000)
         first_seq = self.seq
         self.heartbeat()
         last_beat = began
