@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -277,15 +276,3 @@ def test_isolated_noise_bursts_do_not_start_speech() -> None:
 def test_flapping_bursts_start_speech_at_most_once() -> None:
     results = run_frames(noise_bursts(60, 200, 40), VadSettings())
     assert sum(r.onset for r in results) <= 1
-
-
-def test_detector_is_cheap_per_frame() -> None:
-    audio = with_noise(phrase_audio()[0].astype(np.float64), -50.0).tobytes()
-    frames = [audio[i:i + FRAME_BYTES] for i in range(0, len(audio) - FRAME_BYTES + 1, FRAME_BYTES)]
-    vad = VoiceActivity()
-    started = time.perf_counter()
-    for pcm in frames:
-        vad.process(pcm)
-    per_frame_us = (time.perf_counter() - started) / len(frames) * 1e6
-    # Measured ≈14 µs per 50 ms frame; 20x headroom for a busy CI machine.
-    assert per_frame_us < 300, per_frame_us
