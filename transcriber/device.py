@@ -174,7 +174,10 @@ class DeviceWorker:
                 self._last_heard = self._last_activity = now
             held = HeldFrame(entry_id, item, speech_ms)
             if self._state is State.IDLE:
-                if result.onset and self._stopping is None:
+                # Speech that goes on after a session ended under it (frames stopped coming
+                # mid-utterance, then resumed) has no new onset: it must open a session too.
+                resumed = result.speaking and speech_ms > 0 and not self._noise_hold
+                if (result.onset or resumed) and self._stopping is None:
                     self._start_from_onset(held, result.onset_offset_ms)
                 else:
                     self._io.ack([h.entry_id for h in self._preroll.push(held)])

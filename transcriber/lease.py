@@ -1,13 +1,18 @@
 """Device ownership across transcriber replicas: one lease per device, with a fencing token, and
 a roll of live replicas so devices spread over them.
 
-``SET NX PX`` takes a free lease; scripts renew and release it only for its holder, so a worker
-that paused past its TTL cannot extend or free a lease another worker now holds. The fencing
-token (``INCR`` of the device's fence counter) grows with every acquisition, so "nobody acquired
-the device since I did" is simply "the counter still holds my token". Renewing and publishing
+A script takes a free lease (``SET ... PX``, holder = worker id + the next fencing token);
+scripts renew and release it only for its holder, so a worker that paused past its TTL cannot
+extend or free a lease another worker now holds. The fencing token (``INCRBY`` of the device's
+fence counter) grows with every acquisition, so "nobody acquired the device since I did" is
+simply "the counter still holds my token". Renewing and publishing
 (transcriber/publisher.py) both rest on that rule: a lease that expired while nobody else took
 it (a pause, a Redis stall longer than the TTL) is taken back; one that anybody else acquired
-since is lost for good, and that worker's writes are refused.
+since is lost for good, and that worker's writes are refused. A Redis that lost its data (no
+persistence, restarted) has no counter at all: the holder takes the lease back and restores
+the counter to its token, so later acquisitions still get larger tokens. (Were the device
+taken over, with a larger token, *before* that data loss, the old holder could come back this
+way: run Redis with an append-only file where that matters.)
 
 Spreading: each worker announces itself in ``ns:workers`` (hash: worker id -> Redis server time
 of its last announcement, in ms) every discovery round. A worker counts the replicas heard from
@@ -24,6 +29,18 @@ import redis
 
 from capture.contract import Keys
 
+# KEYS: lease, fence. ARGV: worker id, ttl ms. The new token, or 0 when somebody holds it.
+# One script, so the token handed out is always the fence counter's value (no race between two
+# workers that both saw the lease free).
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+local token = redis.call('INCRBY', KEYS[2], 1)
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'PX', ARGV[2])
+return token
+"""
+
 # KEYS: lease, fence. ARGV: holder, token, ttl ms. 1 = ours (extended or taken back), 0 = lost.
 _RENEW = """
 local current = redis.call('GET', KEYS[1])
@@ -34,10 +51,12 @@ if current then
   return 0
 end
 local fence = redis.call('GET', KEYS[2])
-if fence ~= ARGV[2] then
+if fence and fence ~= ARGV[2] then
   return 0
 end
+-- Expired, and nobody acquired the device since (or Redis lost its data): take it back.
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+if not fence then redis.call('SET', KEYS[2], ARGV[2]) end
 return 1
 """
 
@@ -94,6 +113,7 @@ class Leases:
         self._keys = keys
         self._worker_id = worker_id
         self._ttl_ms = int(ttl_s * 1000)
+        self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
@@ -105,13 +125,11 @@ class Leases:
 
     def acquire(self, device: str) -> Lease | None:
         """Take the device's lease if nobody holds it."""
-        if self._redis.exists(self.lease_key(device)):
+        token = int(self._acquire(keys=[self.lease_key(device), self.fence_key(device)],
+                                  args=[self._worker_id, self._ttl_ms]))
+        if token == 0:
             return None
-        token = int(self._redis.incr(self.fence_key(device)))
-        holder = f"{self._worker_id}:{token}"
-        if self._redis.set(self.lease_key(device), holder, nx=True, px=self._ttl_ms):
-            return Lease(device, holder, token)
-        return None
+        return Lease(device, f"{self._worker_id}:{token}", token)
 
     def renew(self, lease: Lease) -> bool:
         """Extend the lease; take it back if it expired and nobody acquired it since."""
@@ -121,10 +139,16 @@ class Leases:
         """``renew`` for many leases in one round trip."""
         if not leases:
             return []
+        # Plain EVALSHA: a pipeline of Script objects would first ask SCRIPT EXISTS, a command
+        # the transcriber's ACL user need not have.
         pipe = self._redis.pipeline(transaction=False)
         for lease in leases:
-            self._renew(keys=self._script_keys(lease), args=self._script_args(lease), client=pipe)
-        return [bool(ok) for ok in pipe.execute()]
+            pipe.evalsha(self._renew.sha, 2, *self._script_keys(lease),
+                         *self._script_args(lease))
+        try:
+            return [bool(ok) for ok in pipe.execute()]
+        except redis.exceptions.NoScriptError:  # a restarted Redis: renew() loads it again
+            return [self.renew(lease) for lease in leases]
 
     def release(self, lease: Lease) -> None:
         self._release(keys=[self.lease_key(lease.device)], args=[lease.holder])

@@ -186,7 +186,7 @@ class Publisher:
                                         daemon=True)
         self._thread.start()
 
-    def close(self, timeout: float = 1.0) -> None:
+    def close(self, timeout: float = 0.5) -> None:
         """Stop the flusher thread (what is still queued stays unwritten: flush first)."""
         self._closed.set()
         self._wake.set()
@@ -196,6 +196,7 @@ class Publisher:
 
     def _run(self) -> None:
         while not self._closed.is_set():
+            self._wake.clear()  # before looking: a record queued from now on wakes the wait
             try:
                 if self._due(self._clock()):
                     self.flush()
@@ -203,7 +204,6 @@ class Publisher:
                 log.exception("device %s: unexpected error publishing", self._device)
                 self._retry_at = self._clock() + 1.0
             self._wake.wait(self._next_wait())
-            self._wake.clear()
 
     def _next_wait(self) -> float:
         now = self._clock()

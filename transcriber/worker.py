@@ -23,7 +23,6 @@ publish its last turns; wait for them, time-boxed; release the leases; leave the
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import threading
 import time
@@ -36,15 +35,7 @@ import redis
 from capture.common.logs import OncePerKind
 from capture.common.redisconn import REDIS_ERRORS
 from capture.common.supervise import Backoff, start_thread, supervise
-from capture.contract import (
-    AudioFrame,
-    DeviceRecord,
-    EndOfStream,
-    Keys,
-    MalformedEntry,
-    decode_entry,
-    is_valid_device_id,
-)
+from capture.contract import AudioFrame, EndOfStream, Keys, MalformedEntry, decode_entry
 from transcriber.aai.client import StreamingSession
 from transcriber.budget import SessionBudget
 from transcriber.config import TranscriberSettings
@@ -55,6 +46,7 @@ from transcriber.lease import Lease, Leases, Replicas, fair_share
 from transcriber.metrics import TranscriberMetrics
 from transcriber.publisher import Publisher
 from transcriber.records import EndReason
+from transcriber.registry import DeviceRegistry, Problems, claim_pending, ensure_group
 from transcriber.vad import VadSettings, VoiceActivity
 
 log = logging.getLogger(__name__)
@@ -66,7 +58,6 @@ HEALTHY_WITHIN_S = 15.0
 QUARANTINE_S = 60.0  # a device whose stream cannot be used is left alone this long
 ORPHAN_ROUNDS = 2  # a free device nobody took for this many rounds is taken beyond the share
 ORPHAN_QUIET_S = 30.0  # after taking an orphan, no device is handed back for this long
-CLAIM_COUNT = 1000  # pending entries claimed per XAUTOCLAIM
 
 
 @dataclass
@@ -77,6 +68,7 @@ class _Owned:
     read_from: str  # "0" while our own pending entries are replayed, then ">"
     last_frame_at: float
     stopping: bool = False
+    last_id: str = "0"  # the newest entry handed to the device
 
 
 class Worker:
@@ -104,7 +96,9 @@ class Worker:
         self._devices: dict[str, _Owned] = {}
         self._lock = threading.Lock()
         self._problems = OncePerKind(log)
-        self._counted: set[str] = set()  # registry/stream problems already counted
+        self._bad_input = Problems(metrics, self._problems)
+        self._registry = DeviceRegistry(client, self._keys, self._bad_input, wall,
+                                        settings.lifecycle.device_gone_after_s)
         self._quarantine: dict[str, float] = {}  # device -> until (clock)
         self._free_rounds: dict[str, int] = {}  # device -> rounds seen without any lease
         self._no_shedding_until = 0.0
@@ -154,7 +148,7 @@ class Worker:
     # --- discovery -------------------------------------------------------------------------
 
     def _discover(self) -> None:
-        alive = self._alive_devices()
+        alive = self._registry.alive()
         self._last_redis_ok = self._clock()
         self._keep_leases()
         share = min(self._settings.max_devices, fair_share(len(alive), self._live_workers()))
@@ -170,7 +164,7 @@ class Worker:
             if held < share:
                 self._try_adopt(device, orphan=False)
         self._adopt_orphans([d for d in candidates if d not in self._snapshot()])
-        self._shed_excess(share)
+        self._shed_excess(share, alive)
         gone_after = self._settings.lifecycle.device_gone_after_s
         for device, entry in self._snapshot().items():
             if entry.worker.finished:
@@ -181,26 +175,6 @@ class Worker:
                 entry.stopping = True
                 entry.worker.post(Stop(EndReason.END_OF_STREAM))
         self._stop_io.wait(DISCOVERY_INTERVAL_S)  # one round per interval, not a busy loop
-
-    def _alive_devices(self) -> set[str]:
-        """Devices in the registry with a recent heartbeat; unusable entries counted once."""
-        registry: dict[bytes, bytes] = self._redis.hgetall(  # type: ignore[assignment]
-            self._keys.devices)
-        alive: set[str] = set()
-        for raw_device, raw_record in registry.items():
-            device = self._device_name(raw_device)
-            if device is None:
-                continue
-            try:
-                record = DeviceRecord.from_json(raw_record)
-            except MalformedEntry as exc:
-                self._count_problem(f"registry_{exc.kind}", raw_device + b"\0" + raw_record)
-                self._problems.warning(f"registry_{exc.kind}", "device %s: ignoring its "
-                                       "registry entry: %s", device, exc)
-                continue
-            if self._wall() - record.seen < self._settings.lifecycle.device_gone_after_s:
-                alive.add(device)
-        return alive
 
     def _live_workers(self) -> int:
         try:
@@ -248,11 +222,12 @@ class Worker:
             log.info("device %s: nobody else took it; taken beyond the fair share", device)
             self._no_shedding_until = self._clock() + ORPHAN_QUIET_S
 
-    def _shed_excess(self, share: int) -> None:
-        """Holding more than the fair share: hand one idle device back per round."""
+    def _shed_excess(self, share: int, alive: set[str]) -> None:
+        """Holding more than the fair share: hand one idle device back per round (devices
+        that are gone from the registry are not handed anywhere: they end below)."""
         if self._clock() < self._no_shedding_until:
             return
-        holding = {d: e for d, e in self._snapshot().items() if not e.stopping}
+        holding = {d: e for d, e in self._snapshot().items() if not e.stopping and d in alive}
         if len(holding) <= share:
             return
         for device, entry in sorted(holding.items()):
@@ -265,31 +240,8 @@ class Worker:
 
     def _set_aside(self, device: str, kind: str, detail: str) -> None:
         self._quarantine[device] = self._clock() + QUARANTINE_S
-        self._count_problem(kind, device.encode())
-        self._problems.warning(kind, "device %s: cannot use its stream (%s); trying again in "
-                               "%.0f s", device, detail, QUARANTINE_S)
-
-    def _count_problem(self, kind: str, what: bytes) -> None:
-        """Count each distinct bad entry once, however many rounds it stays there."""
-        key = kind + ":" + hashlib.sha256(what).hexdigest()
-        if key in self._counted:
-            return
-        if len(self._counted) > 10_000:
-            self._counted.clear()
-        self._counted.add(key)
-        self._metrics.registry_problems.labels(kind).inc()
-
-    def _device_name(self, raw: bytes) -> str | None:
-        try:
-            device = raw.decode("ascii")
-        except UnicodeDecodeError:
-            device = ""
-        if not is_valid_device_id(device):
-            self._count_problem("bad_device_id", raw)
-            self._problems.warning("bad_device_id", "ignoring registry field %r: not a valid "
-                                   "device id", raw[:80])
-            return None
-        return device
+        self._bad_input.report(kind, device.encode(), "device %s: cannot use its stream (%s); "
+                               "trying again in %.0f s", device, detail, QUARANTINE_S)
 
     def _keep_leases(self) -> None:
         owned = [(d, e) for d, e in self._snapshot().items() if not e.stopping]
@@ -305,12 +257,12 @@ class Worker:
             entry.stopping = True
             entry.worker.post(Stop(EndReason.SHUTDOWN))
 
-    def _on_fenced(self, device: str, refused: int) -> None:
+    def _on_fenced(self, lease: Lease, refused: int) -> None:
         """The publisher's write was refused: another worker owns the device now."""
-        self._metrics.errors.labels(device, "fenced").inc(refused)
-        entry = self._snapshot().get(device)
-        if entry is not None:
-            self._stop_fenced(device, entry)
+        self._metrics.errors.labels(lease.device, "fenced").inc(refused)
+        entry = self._snapshot().get(lease.device)
+        if entry is not None and entry.lease == lease:  # not a later adoption of the device
+            self._stop_fenced(lease.device, entry)
 
     def _adopt(self, device: str, lease: Lease) -> None:
         key = self._keys.audio(device)
@@ -318,7 +270,7 @@ class Worker:
         self._claim_pending(device, key)
         publisher = Publisher(self._redis, self._keys, device, self._settings.consumer_group,
                               self._clock, guard=self._leases.guard(lease),
-                              on_fenced=lambda refused: self._on_fenced(device, refused))
+                              on_fenced=lambda refused: self._on_fenced(lease, refused))
         io = DeviceIO(device, publisher, self._metrics, clock=self._clock, wall=self._wall,
                       problems=self._problems)
         vad_settings = VadSettings(mode=self._settings.vad_mode)
@@ -335,43 +287,19 @@ class Worker:
         log.info("device %s: adopted (lease token %d)", device, lease.token)
 
     def _ensure_group(self, key: str) -> None:
-        try:
-            # From the start of what is retained: audio written before we looked is not lost;
-            # what is too old is skipped as stale.
-            self._redis.xgroup_create(key, self._settings.consumer_group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        ensure_group(self._redis, key, self._settings.consumer_group)
 
     def _claim_pending(self, device: str, key: str) -> None:
         """Take over entries a previous owner read but never acknowledged (it died)."""
-        seconds, micros = self._redis.time()
-        stale_before_ms = (int(seconds) * 1000 + int(micros) // 1000
-                           - int(self._settings.lifecycle.stale_after_s * 1000))
-        group, start = self._settings.consumer_group, "0-0"
-        claimed = stale = trimmed = 0
-        while True:
-            reply: Any = self._redis.xautoclaim(key, group, self._settings.worker_id,
-                                                min_idle_time=0, start_id=start,
-                                                count=CLAIM_COUNT)
-            start = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-            old = [eid for eid, _ in reply[1] if _entry_ms(eid) < stale_before_ms]
-            if old:
-                self._redis.xack(key, group, *old)
-            claimed += len(reply[1])
-            stale += len(old)
-            trimmed += len(reply[2]) if len(reply) > 2 else 0
-            if start == "0-0":
-                break
-        skipped = self._metrics.frames_skipped
-        if stale:
-            skipped.labels(device, "stale").inc(stale)
-        if trimmed:
-            skipped.labels(device, "trimmed").inc(trimmed)
-        if claimed or trimmed:
-            log.info("device %s: took over %d unacknowledged entries (%d stale, skipped; "
-                     "%d trimmed from the stream before anyone read them)", device,
-                     claimed, stale, trimmed)
+        claimed = claim_pending(self._redis, key, self._settings.consumer_group,
+                                self._settings.worker_id, self._settings.lifecycle.stale_after_s)
+        for reason, count in (("stale", claimed.stale), ("trimmed", claimed.trimmed)):
+            if count:
+                self._metrics.frames_skipped.labels(device, reason).inc(count)
+        if claimed.entries or claimed.stale or claimed.trimmed:
+            log.info("device %s: took over %d unacknowledged entries (and skipped %d stale; %d "
+                     "were trimmed from the stream before anyone used them)", device,
+                     claimed.entries, claimed.stale, claimed.trimmed)
 
     def _let_go(self, device: str, entry: _Owned) -> None:
         with self._lock:
@@ -398,9 +326,19 @@ class Worker:
             reply: Any = self._redis.xreadgroup(
                 self._settings.consumer_group, self._settings.worker_id, streams,  # type: ignore[arg-type]
                 count=READ_COUNT, block=None if replaying else READ_BLOCK_MS)
+        except REDIS_ERRORS:
+            # The read may have been executed with its reply lost (a timeout while Redis
+            # stalled): those entries are pending for us but never arrived. Read our pending
+            # entries after the last one each device got, then go on with new ones.
+            for owner in owned.values():
+                if owner.read_from == ">":
+                    owner.read_from = owner.last_id
+            raise
         except redis.ResponseError as exc:
             if "WRONGTYPE" in str(exc):
                 self._drop_unusable_streams(owned)
+                return
+            if "UNBLOCKED" in str(exc):  # a stream deleted while we waited: see the next read
                 return
             if "NOGROUP" not in str(exc):
                 raise
@@ -412,6 +350,10 @@ class Worker:
                     self._ensure_group(key)
             return
         self._last_redis_ok = self._clock()
+        self._dispatch(owned, reply)
+
+    def _dispatch(self, owned: dict[str, _Owned], reply: Any) -> None:
+        """Hand what was read to each device, in order."""
         seen: set[str] = set()
         for raw_key, entries in reply or []:
             key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
@@ -423,9 +365,10 @@ class Worker:
                 continue
             seen.add(device)
             entry.last_frame_at = self._clock()
+            last = entries[-1][0]
+            entry.last_id = last.decode() if isinstance(last, bytes) else str(last)
             if entry.read_from != ">":
-                last = entries[-1][0]
-                entry.read_from = last.decode() if isinstance(last, bytes) else str(last)
+                entry.read_from = entry.last_id
             entry.worker.post(Frames([(eid, _decode(fields)) for eid, fields in entries]))
         for device, entry in owned.items():
             if entry.read_from != ">" and device not in seen:
@@ -439,11 +382,6 @@ class Worker:
                 self._set_aside(device, "stream_wrong_type", f"the key holds a {kind!r}")
                 entry.stopping = True
                 entry.worker.post(Stop(EndReason.END_OF_STREAM))
-
-
-def _entry_ms(entry_id: bytes | str) -> int:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return int(text.partition("-")[0])
 
 
 def _decode(fields: dict[bytes, bytes] | None) -> AudioFrame | EndOfStream | MalformedEntry:
