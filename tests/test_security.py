@@ -131,7 +131,8 @@ def refused(action: Callable[[], object]) -> bool:
     except redis.exceptions.NoPermissionError:
         return True
     except redis.ResponseError as exc:  # from inside a script: the NOPERM is in the text
-        return "no permissions" in str(exc)
+        text = str(exc)
+        return "no permissions" in text or "can't access at least one of the keys" in text
     return False
 
 

@@ -56,9 +56,17 @@ def transcriber_rules(ns: str) -> list[str]:
         f"~{ns}audio:{{*}}", "+xgroup|create", "+xreadgroup", "+xack", "+xautoclaim",
         # XADD only here: a transcriber cannot write into a device's audio stream.
         f"(%W~{ns}turns %W~{ns}sessions +xadd)",
-        # Leases with fencing tokens and the session budget, directly and from Lua.
-        f"(~{ns}lease:{{*}} ~{ns}fence:{{*}} ~{ns}session_budget +get +set +exists +incrby +del"
-        " +pexpire +evalsha +eval +zremrangebyscore +zcard +zadd +zrange)",
+        # Leases with fencing tokens, publish sequence numbers and the session budget,
+        # directly and from Lua.
+        f"(~{ns}lease:{{*}} ~{ns}fence:{{*}} ~{ns}published:{{*}} ~{ns}session_budget +get +set"
+        " +exists +incrby +del +pexpire +evalsha +eval +zremrangebyscore +zcard +zadd +zrange)",
+        # The fenced publish script names the lease, the device's audio and the output streams.
+        f"(~{ns}lease:{{*}} ~{ns}fence:{{*}} ~{ns}published:{{*}} ~{ns}audio:{{*}} ~{ns}turns"
+        f" ~{ns}sessions +evalsha +eval)",
+        # Hostile-input checks: is a key the stream it should be?
+        f"(%R~{ns}turns %R~{ns}sessions %R~{ns}audio:{{*}} +type)",
+        # Replica announcements for spreading devices.
+        f"(~{ns}workers +evalsha +eval +hset +hgetall +hdel)",
     ]
 
 
