@@ -404,7 +404,8 @@ def test_a_device_no_replica_has_room_for_is_taken_beyond_the_fair_share(
     devices = ["e1", "e2", "e3", "e4"]
     stop = threading.Event()
     beats = heartbeat_devices(redis_client, devices, stop)
-    env = {"TRANSCRIBER_LEASE_TTL_S": "3"}
+    # The default TTL: this test is about spreading, and a 3 s lease can lapse on a loaded CI box.
+    env = {"TRANSCRIBER_LEASE_TTL_S": "10"}
     try:
         with running_worker(redis_server.url, double, {**env, "TRANSCRIBER_WORKER_ID": "small",
                                                        "TRANSCRIBER_MAX_DEVICES": "1"}) as small, \
