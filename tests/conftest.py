@@ -1,4 +1,4 @@
-"""Shared fixtures: a real redis-server per test, on a free port."""
+"""Shared fixtures: a real redis-server per test on a free port, and the AssemblyAI double."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from tests.double.config import DoubleConfig
+from tests.double.server import DoubleServer
 from tests.support.redisserver import RedisServer
 from tests.support.tools import require_tool
 
@@ -28,3 +30,9 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def double() -> Iterator[DoubleServer]:
+    with DoubleServer(DoubleConfig()) as server:
+        yield server

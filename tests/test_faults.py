@@ -27,28 +27,19 @@ from capture.config import CaptureSettings
 from capture.contract import Keys
 from capture.framing import SystemClock
 from capture.service import CaptureService, build_source, redis_factory_for
-from tests.double.config import DoubleConfig
 from tests.double.server import PATH, DoubleServer
 from tests.support.feeder import AudioFeeder
 from tests.support.redisserver import RedisServer
 from tests.support.speech import compose, digits_phrase, speak, write_wav
 from tests.support.tcpproxy import TcpProxy
 from tests.support.tools import require_tool
-from tests.support.transcribing import RunningWorker, all_digits, running_worker, wait_until
+from tests.support.transcribing import RunningWorker, all_digits, report, running_worker, wait_until
 from transcriber.records import EndReason
 
 pytestmark = pytest.mark.slow
 KEYS = Keys()
 
 
-@pytest.fixture
-def double() -> Iterator[DoubleServer]:
-    with DoubleServer(DoubleConfig()) as server:
-        yield server
-
-
-def report(label: str, **figures: object) -> None:
-    print(f"\n[{label}] " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in figures.items()))
 
 
 def frames_lost(run: RunningWorker, device: str) -> int:

@@ -11,7 +11,6 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -19,26 +18,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from capture.contract import AudioFrame, EndOfStream, Keys, MalformedEntry, decode_entry
-from tests.double.config import DoubleConfig
 from tests.double.server import DoubleServer
 from tests.support.feeder import AudioFeeder
 from tests.support.redisserver import RedisServer
 from tests.support.speech import compose, digits_phrase
-from tests.support.transcribing import RunningWorker, all_digits, running_worker, wait_until
+from tests.support.transcribing import RunningWorker, all_digits, report, running_worker, wait_until
 
 pytestmark = pytest.mark.slow
 KEYS = Keys()
 HEALTHY = "clean"
 
 
-@pytest.fixture
-def double() -> Iterator[DoubleServer]:
-    with DoubleServer(DoubleConfig()) as server:
-        yield server
-
-
-def report(label: str, **figures: object) -> None:
-    print(f"\n[{label}] " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in figures.items()))
 
 
 def skipped(run: RunningWorker, device: str) -> Counter[str]:

@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,13 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from capture.common.redisconn import connect
 from capture.contract import Keys
-from tests.double.config import DoubleConfig
 from tests.double.server import DoubleServer
 from tests.support.feeder import AudioFeeder
 from tests.support.redisserver import RedisServer, free_port
 from tests.support.speech import compose, digits_phrase
 from tests.support.tcpproxy import TcpProxy
-from tests.support.transcribing import all_digits, running_worker, wait_until
+from tests.support.transcribing import all_digits, report, running_worker, wait_until
 from transcriber.lease import Lease, Leases
 from transcriber.publisher import Publisher
 from transcriber.records import EndReason, SessionRecord, TurnRecord
@@ -37,14 +35,6 @@ from transcriber.records import EndReason, SessionRecord, TurnRecord
 KEYS = Keys()
 
 
-@pytest.fixture
-def double() -> Iterator[DoubleServer]:
-    with DoubleServer(DoubleConfig()) as server:
-        yield server
-
-
-def report(label: str, **figures: object) -> None:
-    print(f"\n[{label}] " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in figures.items()))
 
 
 def turn(session: str, order: int, text: str) -> TurnRecord:

@@ -7,11 +7,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests.double.config import DoubleConfig
 from tests.double.server import DoubleServer
 from tests.support.feeder import AudioFeeder
 from tests.support.redisserver import RedisServer, free_port
@@ -44,12 +42,6 @@ def test_bad_configuration_is_one_line_and_exit_2(env: dict[str, str], expected:
     assert result.stderr.startswith(expected), result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-
-
-@pytest.fixture
-def double() -> Iterator[DoubleServer]:
-    with DoubleServer(DoubleConfig()) as server:
-        yield server
 
 
 @pytest.mark.slow

@@ -6,15 +6,12 @@ real-time pacing, and the inactivity timer is what is tested.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from capture.contract import Keys
-from tests.double.config import DoubleConfig
 from tests.double.server import DoubleServer
 from tests.support.feeder import AudioFeeder
 from tests.support.redisserver import RedisServer
@@ -23,12 +20,6 @@ from tests.support.transcribing import all_digits, running_worker, wait_until
 from transcriber.records import EndReason
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def double() -> Iterator[DoubleServer]:
-    with DoubleServer(DoubleConfig()) as server:
-        yield server
 
 
 def report(label: str, billed: float, speech: float, recalled: int, spoken: int) -> None:

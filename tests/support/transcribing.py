@@ -92,3 +92,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
             return True
         time.sleep(interval)
     return predicate()
+
+
+def report(label: str, **figures: object) -> None:
+    print(f"\n[{label}] " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in figures.items()))
