@@ -36,3 +36,15 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
 def double() -> Iterator[DoubleServer]:
     with DoubleServer(DoubleConfig()) as server:
         yield server
+
+
+@pytest.fixture
+def durable_redis() -> Iterator[RedisServer]:
+    """A redis-server that keeps its data across a restart (append-only file, fsync always)."""
+    server = RedisServer(require_tool("redis-server"),
+                         extra_args=["--appendonly", "yes", "--appendfsync", "always"])
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()

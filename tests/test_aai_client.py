@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import websocket
 
-from tests.double import DoubleConfig, DoubleServer
+from tests.double import DoubleServer
+from tests.support.doubles import MakeDouble, double_maker
 from tests.support.speech import compose, digits_phrase
 from transcriber.aai import (
     Begin,
@@ -30,22 +31,10 @@ from transcriber.aai import (
 KEY = "test-key-7f3a"
 CHUNK = 800                  # 50 ms at 16 kHz
 
-MakeDouble = Callable[..., DoubleServer]
-
-
 @pytest.fixture
 def make_double() -> Iterator[MakeDouble]:
-    servers: list[DoubleServer] = []
-
-    def make(**overrides: object) -> DoubleServer:
-        settings: dict[str, object] = {"api_keys": (KEY,), "enforce_pacing": False, **overrides}
-        server = DoubleServer(DoubleConfig(**settings)).start()  # type: ignore[arg-type]
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
+    with double_maker(KEY) as make:
+        yield make
 
 
 def clip(*parts: str | float) -> bytes:

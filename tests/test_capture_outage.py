@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 
@@ -22,20 +21,10 @@ from capture.framing import SystemClock
 from capture.service import CaptureService, build_source, redis_factory_for
 from tests.support.redisserver import RedisServer
 from tests.support.speech import write_wav
-from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def durable_redis() -> Iterator[RedisServer]:
-    server = RedisServer(require_tool("redis-server"),
-                         extra_args=["--appendonly", "yes", "--appendfsync", "always"])
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 class Capture:

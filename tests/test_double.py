@@ -21,6 +21,7 @@ import websocket
 
 from tests.double import DoubleConfig, DoubleServer
 from tests.double.recognizer import GARBLED, DigitRecogniser
+from tests.support.doubles import MakeDouble, double_maker
 from tests.support.speech import DIGIT_WORDS, _speak_cached, compose, digits_phrase, speak
 from transcriber.aai import StreamingParams, StreamingSession
 
@@ -28,22 +29,10 @@ KEY = "double-key"
 CHUNK_BYTES = 1600                 # 50 ms at 16 kHz
 ROOT = Path(__file__).resolve().parent.parent
 
-MakeDouble = Callable[..., DoubleServer]
-
-
 @pytest.fixture
 def make_double() -> Iterator[MakeDouble]:
-    servers: list[DoubleServer] = []
-
-    def make(**overrides: object) -> DoubleServer:
-        settings: dict[str, object] = {"api_keys": (KEY,), "enforce_pacing": False, **overrides}
-        server = DoubleServer(DoubleConfig(**settings)).start()  # type: ignore[arg-type]
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
+    with double_maker(KEY) as make:
+        yield make
 
 
 def connect(double: DoubleServer, query: str = "speech_model=u3-rt-pro",

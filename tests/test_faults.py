@@ -32,7 +32,6 @@ from tests.support.feeder import AudioFeeder
 from tests.support.redisserver import RedisServer
 from tests.support.speech import compose, digits_phrase, speak, write_wav
 from tests.support.tcpproxy import TcpProxy
-from tests.support.tools import require_tool
 from tests.support.transcribing import RunningWorker, all_digits, report, running_worker, wait_until
 from transcriber.records import EndReason
 
@@ -85,15 +84,6 @@ def skipped_by_reason(run: RunningWorker, device: str) -> dict[str, int]:
 
 # --- Redis ---------------------------------------------------------------------------------------
 
-@pytest.fixture
-def durable_redis() -> Iterator[RedisServer]:
-    server = RedisServer(require_tool("redis-server"),
-                         extra_args=["--appendonly", "yes", "--appendfsync", "always"])
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def test_redis_restarted_mid_speech(durable_redis: RedisServer, double: DoubleServer,
