@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
 
+from capture.common.runtime import install_stop_signals
 from tests.double.config import DoubleConfig
 from tests.double.recognizer import DigitRecogniser, RecognisedWord, split_chunks
 from tests.double.records import SessionRecord
@@ -74,12 +73,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    install_stop_signals(stop)
     recogniser = CheapRecogniser() if args.recogniser == "cheap" else None
     config = DoubleConfig(decode_workers=args.decode_workers)  # pacing on, 2 s burst allowance
     with DoubleServer(config, recogniser=recogniser) as double:

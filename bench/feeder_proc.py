@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import socket
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from bench.audio import FeedPlan, frames_of, make_plan, speech_loop, whole_frames
 from bench.common import stats_ms
+from capture.common.runtime import install_stop_signals
 from capture.contract import FRAME_BYTES, AudioFrame, DeviceRecord, EndOfStream, Keys
 
 HEARTBEAT_S = 2.0
@@ -185,11 +184,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
+    install_stop_signals(stop)
     if args.track is not None:
         loop = frames_of(whole_frames(np.load(args.track)))
         args.seconds, args.lead = len(loop) * 0.05, (0.0, 0.0)

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 from collections.abc import Sequence
-from types import FrameType
 
+from capture.common.runtime import install_stop_signals
 from tests.double.config import U3, UNIVERSAL, DoubleConfig
 from tests.double.server import DoubleServer
 
@@ -72,12 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"python -m tests.double: {exc}", file=sys.stderr)
         return 2
     stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    install_stop_signals(stop)
     with DoubleServer(config, host=args.host, port=args.port) as double:
         print(double.url, flush=True)
         stop.wait()
