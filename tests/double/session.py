@@ -300,7 +300,9 @@ class DoubleSession:
 
     # -- endings and faults ---------------------------------------------------------------
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: dict[str, Any], *, ending: bool = False) -> None:
+        if self.finished and not ending:
+            return  # a turn decoded while the session ends must not follow its Error/Termination
         with contextlib.suppress(ConnectionClosed):
             await self.ws.send(protocol.dumps(message))
             self.core.update(self.record, lambda r: r.sent.append(message))
@@ -314,7 +316,7 @@ class DoubleSession:
         if self.finished:
             return
         self.finished = True
-        await self.send(self._termination())
+        await self.send(self._termination(), ending=True)
         await self.close(1000, "")
 
     def _termination(self) -> dict[str, Any]:
@@ -326,7 +328,7 @@ class DoubleSession:
         if self.finished:
             return
         self.finished = True
-        await self.send(protocol.error(code, message))
+        await self.send(protocol.error(code, message), ending=True)
         await self.close(code, protocol.close_reason(message))
 
     async def cancel(self) -> None:
